@@ -63,6 +63,7 @@ class TrainConfig:
     text_model: str = "bert"
     text_model_kwargs: dict[str, Any] = field(default_factory=dict)
     text_pooling: str = "cls"
+    text_trainable_layers: int | None = None  # None: fine-tune every text layer; n: only the last n.
     vocab_size: int = 2000  # For a tokenizer trained on the fly ("bert" text model).
     max_text_length: int = 64
     embed_dim: int = 64
@@ -109,6 +110,9 @@ class TrainConfig:
                      "max_text_length", "phantom_pairs", "phantom_image_size", "vocab_size",
                      "checkpoint_every", "keep_checkpoints", "log_every"):
             _require(name, getattr(self, name), lambda v: isinstance(v, int) and v > 0, "a positive integer")
+        if self.text_trainable_layers is not None:
+            _require("text_trainable_layers", self.text_trainable_layers, lambda v: isinstance(v, int) and v >= 0,
+                     "an integer >= 0 or None")
         for name in ("max_steps", "alpha_ramp_steps"):
             value = getattr(self, name)
             if value is not None:
@@ -206,7 +210,8 @@ PRESETS: dict[str, dict[str, Any]] = {
         image_model="resnet",
         image_model_kwargs=dict(embedding_size=24, hidden_sizes=[24, 48, 96, 192], depths=[1, 1, 1, 1],
                                 layer_type="basic"),
-        image_size=64, text_model="minilm-offline", text_pooling="mean", max_text_length=64, embed_dim=128,
+        image_size=64, text_model="minilm-offline", text_pooling="mean", text_trainable_layers=2,
+        max_text_length=64, embed_dim=128,
         micro_batch_size=16, accumulation_steps=4, epochs=5, warmup_steps=10, lr=5e-4,
         checkpoint_every=25, output_dir="runs/cpu-demo",
     ),

@@ -76,6 +76,10 @@ def write_manifest(frame: pd.DataFrame, path: str | os.PathLike) -> Path:
     try:
         with os.fdopen(handle, "w", encoding="utf-8", newline="") as stream:
             frame.to_csv(stream, index=False)
+        # mkstemp creates the file readable by its owner only; give it the usual permissions.
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(temporary, 0o666 & ~umask)
         os.replace(temporary, path)
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
@@ -104,8 +108,11 @@ def read_manifest(path: str | os.PathLike) -> pd.DataFrame:
             "re-save the file as UTF-8, for example with iconv -f latin1 -t utf-8"
         ) from None
 
-    frame = pd.read_csv(path, encoding="utf-8", keep_default_na=False, dtype={"study_id": str, "patient_id": str})
+    text_columns = {name: str for name in REQUIRED_COLUMNS}
+    frame = pd.read_csv(path, encoding="utf-8", dtype=text_columns)
     check_columns(frame.columns, path)
+    # Empty cells of the required columns are empty strings (label columns keep NaN).
+    frame[list(REQUIRED_COLUMNS)] = frame[list(REQUIRED_COLUMNS)].fillna("")
     return frame
 
 

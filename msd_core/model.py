@@ -155,6 +155,25 @@ class DualEncoder(nn.Module):
         return cls(image_encoder, text_encoder, spec, _tokenizer_from_json(spec))
 
 
+def freeze_text_layers(model: DualEncoder, trainable_layers: int | None) -> None:
+    """Freeze the text tower's embeddings and all but its last ``trainable_layers`` layers.
+
+    ``None`` leaves everything trainable. Freezing most of a pretrained text encoder
+    keeps its language knowledge and cuts the backward pass, which is what makes the
+    CPU demo fit in minutes. Expects a BERT-like tower (``encoder.layer``).
+    """
+    if trainable_layers is None:
+        return
+    encoder = model.text_encoder
+    layers = getattr(getattr(encoder, "encoder", None), "layer", None)
+    if layers is None:
+        raise ValueError(f"text_trainable_layers needs a BERT-like text model with encoder.layer; "
+                         f"got {type(encoder).__name__}")
+    encoder.embeddings.requires_grad_(False)
+    for index, layer in enumerate(layers):
+        layer.requires_grad_(index >= len(layers) - trainable_layers)
+
+
 def build_model(config: TrainConfig, tokenizer_texts: Iterable[str] | None = None) -> DualEncoder:
     """Build the dual encoder a config describes.
 
@@ -179,7 +198,9 @@ def build_model(config: TrainConfig, tokenizer_texts: Iterable[str] | None = Non
         temperature_init=config.temperature_init,
         extra={"image_pooling_layer": getattr(image_encoder, "pooler", None) is not None},
     )
-    return DualEncoder(image_encoder, text_encoder, spec, tokenizer)
+    model = DualEncoder(image_encoder, text_encoder, spec, tokenizer)
+    freeze_text_layers(model, config.text_trainable_layers)
+    return model
 
 
 def _build_image_encoder(config: TrainConfig) -> tuple[nn.Module, tuple, tuple]:

@@ -36,7 +36,7 @@ from .checkpoint import find_checkpoint, save_checkpoint
 from .config import TrainConfig
 from .data import EpochBatchSampler, ImageTextDataset, PairCollator
 from .manifest import read_manifest
-from .model import DualEncoder, ModelSpec, build_model
+from .model import DualEncoder, ModelSpec, build_model, freeze_text_layers
 from .momentum import FeatureQueue, MomentumTeacher
 from .step import StepOutput, accumulate_gradients
 
@@ -163,6 +163,7 @@ class Trainer:
         if state is not None:
             model = DualEncoder.from_spec(ModelSpec(**state["model_spec"]))
             model.load_state_dict(state["model"])
+            freeze_text_layers(model, self.config.text_trainable_layers)
             return model
         frame = read_manifest(self.manifest)
         texts = frame.loc[frame["split"] == "train", "text"].astype(str).tolist()

@@ -155,9 +155,10 @@ class Trainer:
             return Path(self.config.manifest)
         from .phantom import generate_phantom
 
+        # The folder belongs to the run, so changed phantom settings regenerate it.
         return generate_phantom(self.output_dir / "phantomcxr", n_pairs=self.config.phantom_pairs,
                                 image_size=self.config.phantom_image_size, seed=self.config.seed,
-                                progress=self.progress)
+                                overwrite=True, progress=self.progress)
 
     def _build_model(self, state: dict[str, Any] | None) -> DualEncoder:
         if state is not None:

@@ -54,3 +54,15 @@ def write_tiny_manifest(folder: Path, pairs: int = 48, size: int = 32, seed: int
 def tiny_manifest(tmp_path: Path) -> Path:
     """A 48-pair manifest of random 32 px images (40 train, 8 test)."""
     return write_tiny_manifest(tmp_path / "tiny")
+
+
+@pytest.fixture(scope="session")
+def cxr_notes_manifest(tmp_path_factory) -> Path:
+    """A manifest of the 44 real chest X-rays and their clinical notes, split by patient."""
+    root = requires_shared_data("cxr-notes-44")
+    from data_prep import folder_csv
+
+    out = tmp_path_factory.mktemp("cxr-notes-44") / "manifest.csv"
+    folder_csv.build_manifest(root, out, text_columns=["clinical_notes"], patient_column="patient_id",
+                              multilabel_column="finding")
+    return out

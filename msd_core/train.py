@@ -28,6 +28,7 @@ import math
 import signal
 import threading
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -328,7 +329,11 @@ class Trainer:
             self._handle_non_finite(output)
 
         stepped = finite and self._optimizer_step()
-        self.scheduler.step()
+        with warnings.catch_warnings():
+            # The schedule follows the step count, so it advances when the fp16 scaler skips a
+            # step too; torch warns about that order on the first step, where a skip is common.
+            warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)` before")
+            self.scheduler.step()
         if self.distributed.enabled:
             # Batch-norm statistics come from each rank's own rows. As DistributedDataParallel
             # does by default, every rank takes rank 0's buffers, so the teachers stay identical.
@@ -691,7 +696,7 @@ def load_trainer(checkpoint: str | Path, *, device: str | torch.device | None = 
     trainer = Trainer(config, device=device, state=state, progress=progress)
     trainer.last_checkpoint = path
     # Logged after the Trainer exists, because it quiets INFO messages on ranks other than 0.
-    logger.info("resumed from %s (step %d)", path, state["step"])
+    logger.info("loaded the training state of %s: step %d of %d", path, state["step"], config.max_steps)
     return trainer
 
 

@@ -4,6 +4,7 @@ import math
 import subprocess
 import sys
 import textwrap
+import warnings
 
 import pytest
 import torch
@@ -53,6 +54,21 @@ def test_teacher_updates_once_per_step(tiny_manifest, tmp_path, monkeypatch):
         assert len(calls) == step + 1
         for old, new, student in zip(calls[-1], trainer.teacher.model.parameters(), trainer.model.parameters()):
             assert torch.allclose(new, 0.9 * old + 0.1 * student, atol=1e-6)
+
+
+def test_skipped_first_step_warns_nothing(tiny_manifest, tmp_path, monkeypatch):
+    # Under fp16 the gradient scaler often skips the first optimizer step; the schedule still advances.
+    trainer = Trainer(smoke_config(tiny_manifest, tmp_path, max_steps=2), progress=False)
+    monkeypatch.setattr(trainer, "_optimizer_step", lambda: False)
+    batches = trainer._micro_batches()
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        record = trainer.train_step([next(batches) for _ in range(trainer.config.accumulation_steps)])
+
+    assert record["optimizer_stepped"] is False
+    assert trainer.scheduler.last_epoch == 1
+    assert [str(w.message) for w in caught if "lr_scheduler" in str(w.message)] == []
 
 
 def test_teacher_outside_optimizer(tiny_manifest, tmp_path):

@@ -5,6 +5,8 @@ Executing them is nbval's job: ``python -m pytest`` runs every notebook under
 """
 
 import configparser
+import importlib.util
+import os
 import re
 from pathlib import Path
 
@@ -164,6 +166,19 @@ def test_pytest_runs_notebooks_with_nbval():
     assert "notebooks" in options["testpaths"]
     assert "--nbval-lax" in options["addopts"]
     assert "notebooks/sanitize.cfg" in options["addopts"]
+
+
+def test_bare_pytest_defaults_to_smoke_mode(monkeypatch):
+    spec = importlib.util.spec_from_file_location("root_conftest", ROOT / "conftest.py")
+    root_conftest = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(root_conftest)
+    monkeypatch.delenv("MSD_MODE", raising=False)
+    monkeypatch.setenv("MPLBACKEND", "svg")
+
+    root_conftest.pytest_configure(config=None)
+
+    assert os.environ["MSD_MODE"] == "smoke"
+    assert os.environ["MPLBACKEND"] == "svg"
 
 
 @pytest.mark.parametrize("name", EXPECTED)

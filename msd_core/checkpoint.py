@@ -118,6 +118,9 @@ def find_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     path = Path(path)
     if path.is_file():
         return path, read_checkpoint(path, map_location)
+    if path.suffix == ".pt":
+        raise CheckpointError(f"checkpoint file not found: {path}; pass an existing step-*.pt file, or the run "
+                              "folder to take its newest checkpoint")
 
     folder = path / "checkpoints" if (path / "checkpoints").is_dir() else path
     candidates = list_checkpoints(folder)

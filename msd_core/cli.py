@@ -19,10 +19,12 @@ from typing import Any, Sequence
 
 import yaml
 
+from .config import load_yaml
+
 logger = logging.getLogger("msd_core")
 
 # Errors a user can fix from the message alone; they are printed without a traceback.
-USER_ERRORS = (ValueError, FileNotFoundError, ImportError, RuntimeError)
+USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, ImportError, RuntimeError)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -90,13 +92,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def parse_overrides(pairs: Sequence[str]) -> dict[str, Any]:
-    """Turn ``["lr=3e-4", "negatives=gradcache"]`` into typed values (parsed as YAML scalars)."""
+    """Turn ``["lr=3e-4", "negatives=gradcache"]`` into typed values (parsed as YAML scalars, ``3e-4`` a float)."""
     overrides = {}
     for pair in pairs:
         field, separator, value = pair.partition("=")
         if not separator or not field:
             raise ValueError(f"invalid --set {pair!r}: expected FIELD=VALUE, e.g. --set lr=3e-4")
-        overrides[field.strip()] = yaml.safe_load(value)
+        overrides[field.strip()] = load_yaml(value)
     return overrides
 
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -174,13 +175,30 @@ class TrainConfig:
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> "TrainConfig":
-        """Read a config written by ``to_yaml``."""
-        values = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+        """Read a config written by ``to_yaml`` or by hand (``lr: 3e-4`` is a float)."""
+        values = load_yaml(Path(path).read_text(encoding="utf-8")) or {}
         return cls.from_dict(values)
 
     def replace(self, **changes: Any) -> "TrainConfig":
         """Return a copy with ``changes`` applied and validated."""
         return dataclasses.replace(self, **changes)
+
+
+class _Loader(yaml.SafeLoader):
+    """PyYAML's safe loader, reading ``3e-4`` as a float.
+
+    PyYAML follows YAML 1.1, where a float needs a decimal point, so ``3e-4`` would load
+    as the string "3e-4". YAML 1.2 and Python's ``float`` read it as a number.
+    """
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"), list("-+0123456789"))
+
+
+def load_yaml(text: str) -> Any:
+    """Parse YAML text safely, with exponent-only numbers such as ``1e-3`` as floats."""
+    return yaml.load(text, Loader=_Loader)
 
 
 def _require(name: str, value: Any, check, allowed: str) -> None:

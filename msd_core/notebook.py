@@ -29,6 +29,7 @@ import os
 import platform
 import statistics
 import sys
+import tempfile
 import time
 import weakref
 from dataclasses import dataclass
@@ -46,7 +47,7 @@ from .config import TrainConfig, get_preset
 from .manifest import read_manifest
 from .model import DualEncoder, build_model
 from .phantom import MANIFEST_NAME
-from .train import Trainer, load_trainer, train
+from .train import Trainer, load_trainer, prepare_manifest, train
 
 logger = logging.getLogger(__name__)
 
@@ -437,9 +438,9 @@ def step_cost(config: TrainConfig, *, steps: int = 3, warmup: int = 1, device: s
               ) -> dict[str, Any]:
     """Time full optimizer steps of ``config`` and measure the activation memory they hold.
 
-    A ``Trainer`` is built from ``config``. Like training, it generates PhantomCXR in the
-    output folder when ``config.manifest`` is None and the data is missing, but it writes
-    no checkpoint or history. Then ``warmup + steps`` calls of ``Trainer.train_step`` run on the first micro-batches
+    A ``Trainer`` is built from ``config`` in a temporary folder, so it writes no
+    checkpoint or history into the run's folder. Like training, it generates PhantomCXR
+    in the run's folder when ``config.manifest`` is None and the data is missing. Then ``warmup + steps`` calls of ``Trainer.train_step`` run on the first micro-batches
     of the train split, in order. Each call includes the teacher pass, the k student
     passes with their backward passes, the optimizer step and the EMA update.
 
@@ -459,7 +460,15 @@ def step_cost(config: TrainConfig, *, steps: int = 3, warmup: int = 1, device: s
     """
     if steps < 1 or warmup < 0:
         raise ValueError(f"invalid steps={steps}, warmup={warmup}: need steps >= 1 and warmup >= 0")
-    trainer = Trainer(config.replace(max_steps=warmup + steps), device=device, progress=False)
+    manifest = prepare_manifest(config)
+    with tempfile.TemporaryDirectory(prefix="msd-step-cost-") as scratch:
+        trainer = Trainer(config.replace(max_steps=warmup + steps, output_dir=scratch, manifest=str(manifest)),
+                          device=device, progress=False)
+        return _time_steps(trainer, steps, warmup)
+
+
+def _time_steps(trainer: Trainer, steps: int, warmup: int) -> dict[str, Any]:
+    config = trainer.config
     trainer.model.train()
     groups = _step_groups(trainer, warmup + steps)
     cuda = trainer.device.type == "cuda"

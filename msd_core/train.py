@@ -39,7 +39,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from . import runtime
-from .checkpoint import checkpoint_name, find_checkpoint, save_checkpoint
+from .checkpoint import checkpoint_name, find_checkpoint, list_checkpoints, save_checkpoint
 from .config import TrainConfig
 from .data import EpochBatchSampler, ImageTextDataset, PairCollator
 from .distributed import init_distributed, rank_seed
@@ -129,6 +129,8 @@ class Trainer:
         self.progress = progress and self.distributed.is_main
         self.output_dir = Path(config.output_dir)
         self.checkpoint_dir = self.output_dir / "checkpoints"
+        if state is None:
+            _refuse_earlier_run(self.checkpoint_dir)
         runtime.seed_everything(config.seed)
 
         self.manifest = self._prepare_manifest()
@@ -180,15 +182,8 @@ class Trainer:
     def _prepare_manifest(self) -> Path:
         if self.config.manifest is not None:
             return Path(self.config.manifest)
-        from .phantom import generate_phantom
-
-        # The folder belongs to the run, so changed phantom settings regenerate it. Only
-        # rank 0 writes it; the other ranks wait for its path.
-        manifest = None
-        if self.distributed.is_main:
-            manifest = generate_phantom(self.output_dir / "phantomcxr", n_pairs=self.config.phantom_pairs,
-                                        image_size=self.config.phantom_image_size, seed=self.config.seed,
-                                        overwrite=True, progress=self.progress)
+        # Only rank 0 writes PhantomCXR; the other ranks wait for its path.
+        manifest = prepare_manifest(self.config, progress=self.progress) if self.distributed.is_main else None
         return self.distributed.broadcast_object(manifest)
 
     def _build_model(self, state: dict[str, Any] | None) -> DualEncoder:
@@ -616,6 +611,35 @@ class Trainer:
 
         figure = plot_history(self.history)
         figure.savefig(self.output_dir / "loss_curve.png", dpi=120, bbox_inches="tight")
+
+
+def prepare_manifest(config: TrainConfig, *, progress: bool = False) -> Path:
+    """Return the manifest a run trains on: ``config.manifest``, or PhantomCXR generated in its folder.
+
+    The PhantomCXR folder belongs to the run, so changed phantom settings regenerate it;
+    unchanged ones reuse it.
+    """
+    if config.manifest is not None:
+        return Path(config.manifest)
+    from .phantom import generate_phantom
+
+    return generate_phantom(Path(config.output_dir) / "phantomcxr", n_pairs=config.phantom_pairs,
+                            image_size=config.phantom_image_size, seed=config.seed, overwrite=True,
+                            progress=progress)
+
+
+def _refuse_earlier_run(checkpoint_dir: Path) -> None:
+    """Stop a new run from starting in a folder that contains another run's checkpoints.
+
+    The two runs would mix: the rotation keeps the highest step numbers, so it would
+    delete the new run's early checkpoints and keep the old run's later ones.
+    """
+    earlier = list_checkpoints(checkpoint_dir)
+    if earlier:
+        raise FileExistsError(
+            f"{checkpoint_dir} already contains checkpoints of an earlier run (newest: {earlier[0].name}); "
+            "continue that run with resume() (--resume on the command line), train into another output_dir "
+            "(--output-dir), or delete the folder first")
 
 
 def _build_optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.Optimizer:

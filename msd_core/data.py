@@ -11,10 +11,15 @@ leaves the manifest's folder raise ``ManifestError`` naming the row, unless
 ``dataset.dropped`` and logged once. An image that exists but cannot be decoded is found
 only when it is loaded: it raises ``ImageReadError`` naming the row, or, with skipping,
 is left out of its batch and counted in the batch's ``skipped`` entry.
+
+Messages name a row as "row N of FILE (line L)": N is the 0-based data row (the item's
+``index``), and L is the line of the CSV file on which that row starts, counting the
+header as line 1.
 """
 
 from __future__ import annotations
 
+import csv
 import logging
 import os
 from collections import Counter
@@ -60,6 +65,7 @@ class ImageTextDataset(Dataset):
         self.std = torch.tensor(_per_channel(image_std, image_channels)).view(-1, 1, 1)
         self.skip_bad_rows = skip_bad_rows
         self.dropped: Counter[str] = Counter()
+        self._row_lines: list[int] | None = None
 
         frame = read_manifest(self.manifest_path)
         frame["study_index"] = frame["study_id"].astype(str).factorize()[0]
@@ -95,9 +101,9 @@ class ImageTextDataset(Dataset):
             pixels = load_image(self.root / row["image_path"])
         except ImageReadError as error:
             if self.skip_bad_rows:
-                logger.warning("skipping row %d of %s: %s", row["row"], self.manifest_path, error)
+                logger.warning("skipping %s: %s", self._row_location(row["row"]), error)
                 return None
-            raise ImageReadError(f"row {row['row']} of {self.manifest_path}: {error}") from None
+            raise ImageReadError(f"{self._row_location(row['row'])}: {error}") from None
         return {
             "pixel_values": self.transform(pixels),
             "text": row["text"],
@@ -131,7 +137,7 @@ class ImageTextDataset(Dataset):
                 keep.append(True)
                 continue
             if not self.skip_bad_rows:
-                raise ManifestError(f"row {row} of {self.manifest_path}: {reason}; fix the row, or pass "
+                raise ManifestError(f"{self._row_location(row)}: {reason}; fix the row, or pass "
                                     "skip_bad_rows=True (--skip-bad-rows) to drop such rows")
             self.dropped[reason.split(":")[0]] += 1
             keep.append(False)
@@ -140,6 +146,37 @@ class ImageTextDataset(Dataset):
             logger.warning("dropped %d of %d rows of %s: %s", sum(self.dropped.values()), len(frame),
                            self.manifest_path, summary)
         return frame[np.array(keep, dtype=bool)] if len(keep) else frame
+
+    def _row_location(self, row: int) -> str:
+        """Name data row ``row`` (0-based) as "row N of FILE (line L)" for messages."""
+        if self._row_lines is None:
+            self._row_lines = _row_start_lines(self.manifest_path)
+        # A row past the end means the file changed or could not be read again. Without
+        # multi-line cells, a row starts on line row + 2.
+        line = self._row_lines[row] if row < len(self._row_lines) else row + 2
+        return f"row {row} of {self.manifest_path} (line {line})"
+
+
+def _row_start_lines(path: Path) -> list[int]:
+    """Return the 1-based line on which each data row of the CSV file at ``path`` starts.
+
+    A quoted cell may span several lines, so a row's line is not always its index + 2.
+    Blank lines are skipped, as ``pandas.read_csv`` skips them. A file that cannot be
+    read again gives an empty list, so that the error being reported is not replaced.
+    """
+    starts = []
+    try:
+        with open(path, encoding="utf-8", newline="") as stream:
+            reader = csv.reader(stream)
+            previous_end = 0
+            for record in reader:
+                if record:
+                    starts.append(previous_end + 1)
+                previous_end = reader.line_num
+    except (OSError, UnicodeDecodeError, csv.Error) as error:
+        logger.debug("failed to count the lines of %s: %s", path, error)
+        return []
+    return starts[1:]  # the first record is the header
 
 
 def _row_problem(root: str, image_path: str, text) -> str | None:

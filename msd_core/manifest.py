@@ -96,7 +96,10 @@ def read_manifest(path: str | os.PathLike) -> pd.DataFrame:
     """
     path = Path(path)
     if not path.is_file():
-        raise ManifestError(f"manifest not found: {path}")
+        raise ManifestError(
+            f"manifest not found: {path}; build one with `python -m msd_core phantom --out DIR` (writes "
+            "DIR/manifest.csv) or `python -m data_prep <dataset> --out PATH` (see docs/datasets.md)"
+        )
 
     raw = path.read_bytes()
     try:
@@ -122,5 +125,6 @@ def check_columns(columns: Sequence[str], path: str | os.PathLike) -> None:
     if missing:
         raise ManifestError(
             f"{path}: missing required column(s) {missing}; it has {list(columns)}. "
-            f"A manifest needs {list(REQUIRED_COLUMNS)}."
+            f"A manifest needs {list(REQUIRED_COLUMNS)}: see docs/datasets.md, or turn your own CSV into a "
+            "manifest with `python -m data_prep folder_csv`."
         )

@@ -16,6 +16,7 @@ import numpy as np
 import pandas as pd
 
 from . import viz
+from .zeroshot import PROMPT_DIR
 
 logger = logging.getLogger(__name__)
 
@@ -64,7 +65,7 @@ def _write_figures(out_dir: Path, tables: dict[str, pd.DataFrame], inputs: Repor
         figures.append((caption, name))
 
     for task, confusion in inputs.confusion.items():
-        save(viz.plot_confusion(confusion), f"confusion_{task}.png",
+        save(viz.plot_confusion(confusion, task=task, model="trained"), f"confusion_{task}.png",
              f"zero-shot confusion matrix, task {task} (trained model)")
     for model, embeddings in inputs.embeddings.items():
         save(viz.plot_embeddings(embeddings.image, embeddings.text, labels=inputs.color_labels, method=projection,
@@ -78,7 +79,8 @@ def _write_figures(out_dir: Path, tables: dict[str, pd.DataFrame], inputs: Repor
     probe = tables.get("linear_probe")
     if probe is not None and not probe.empty:
         for task, frame in probe.groupby("task", sort=False):
-            save(viz.plot_probe(frame), f"probe_{task}.png", f"linear-probe AUC-ROC against label share, task {task}")
+            save(viz.plot_probe(frame, task=task), f"probe_{task}.png",
+                 f"linear-probe AUC-ROC against label share, task {task}")
     return figures
 
 
@@ -90,7 +92,7 @@ def _summary_markdown(tables: dict[str, pd.DataFrame], inputs: ReportInputs, fig
         f"- manifest: `{inputs.manifest}`, split `{inputs.split}` ({inputs.test_pairs} pairs)",
         f"- linear probe trained on split `{inputs.probe_split}` ({inputs.probe_pairs} pairs)"
         if inputs.probe_split else "- linear probe: not run",
-        f"- prompts: `{inputs.prompts}`" if inputs.prompts else "- prompts: none (zero-shot not run)",
+        f"- prompts: `{_prompt_label(inputs.prompts)}`" if inputs.prompts else "- prompts: none (zero-shot not run)",
     ]
     lines += [f"- model `{name}`: {description}" for name, description in inputs.models.items()]
     lines.append("")
@@ -132,6 +134,14 @@ def _summary_markdown(tables: dict[str, pd.DataFrame], inputs: ReportInputs, fig
     if inputs.notes:
         lines += ["## Notes", ""] + [f"- {note}" for note in inputs.notes] + [""]
     return "\n".join(lines)
+
+
+def _prompt_label(prompts: str) -> str:
+    """Return the packaged name (``phantomcxr``) of a file in ``msd_core/prompts/``, else ``prompts`` as given."""
+    path = Path(prompts)
+    if path.suffix == ".yaml" and path.resolve().parent == PROMPT_DIR:
+        return path.stem
+    return prompts
 
 
 def _side_by_side(frame: pd.DataFrame, keys: list[str], values, models: list[str],

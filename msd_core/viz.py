@@ -229,7 +229,8 @@ def plot_similarity(image_emb, text_emb, labels: Sequence | None = None, *, max_
     return figure
 
 
-def plot_confusion(matrix, class_names: Sequence[str] | None = None) -> Figure:
+def plot_confusion(matrix, class_names: Sequence[str] | None = None, *, task: str | None = None,
+                   model: str | None = None) -> Figure:
     """Draw a confusion matrix: rows are true classes, columns predicted ones.
 
     Cells show counts and are shaded by the share of their row, so rare classes are
@@ -238,6 +239,8 @@ def plot_confusion(matrix, class_names: Sequence[str] | None = None) -> Figure:
     Args:
         matrix: (C, C) counts, or the DataFrame in ``zero_shot(...).attrs["confusion"]``.
         class_names: the C class names; taken from the DataFrame's index when omitted.
+        task: task name shown in the title, if given.
+        model: model name shown in the title, if given.
     """
     if isinstance(matrix, pd.DataFrame):
         class_names = list(matrix.index) if class_names is None else class_names
@@ -260,11 +263,14 @@ def plot_confusion(matrix, class_names: Sequence[str] | None = None) -> Figure:
         axis.text(column, row, str(count), ha="center", va="center", color=colour, fontsize="small")
     axis.set_xticks(range(len(names)), names, rotation=45, ha="right")
     axis.set_yticks(range(len(names)), names)
-    axis.set(xlabel="predicted", ylabel="true", title="confusion matrix")
+    title = "confusion matrix" if task is None else f"confusion matrix, task {task}"
+    if model is not None:
+        title += f" ({model} model)"
+    axis.set(xlabel="predicted", ylabel="true", title=title)
     return figure
 
 
-def plot_probe(results, *, metric: str = "auc") -> Figure:
+def plot_probe(results, *, metric: str = "auc", task: str | None = None) -> Figure:
     """Plot a linear-probe metric against the share of training labels, one line per model.
 
     Args:
@@ -272,6 +278,7 @@ def plot_probe(results, *, metric: str = "auc") -> Figure:
             several models, or a mapping of model name -> DataFrame.
         metric: "auc" (macro AUC-ROC) or "accuracy"; error bars are the standard
             deviation over seeds.
+        task: task name shown in the title, if given.
     """
     frames = _probe_frames(results)
     figure = Figure(figsize=(6, 4), layout="constrained")
@@ -289,7 +296,7 @@ def plot_probe(results, *, metric: str = "auc") -> Figure:
     axis.set_xticks(ticks, [f"{100 * fraction:g}%" for fraction in ticks])
     axis.minorticks_off()
     axis.set(xlabel="share of training labels", ylabel="macro AUC-ROC" if metric == "auc" else "accuracy",
-             title="linear probe")
+             title="linear probe" if task is None else f"linear probe, task {task}")
     axis.legend()
     return figure
 

@@ -61,8 +61,29 @@ def test_split_filter(tiny_manifest):
 def test_missing_image_names_row(tiny_manifest):
     (tiny_manifest.parent / "images" / "pair0003.png").unlink()
 
-    with pytest.raises(ManifestError, match=r"row 3 .*manifest.csv: image not found: .*pair0003.png"):
+    with pytest.raises(ManifestError, match=r"row 3 of .*manifest.csv \(line 5\): image not found: .*pair0003.png"):
         ImageTextDataset(tiny_manifest)
+
+
+def test_csv_line_counts_multiline_reports(tiny_manifest):
+    edit_manifest(tiny_manifest, lambda frame: frame.__setitem__(
+        "text", ["FINDINGS: clear lungs.\nIMPRESSION: normal." if i == 1 else t for i, t in enumerate(frame["text"])]))
+    (tiny_manifest.parent / "images" / "pair0003.png").unlink()
+
+    with pytest.raises(ManifestError, match=r"row 3 of .*manifest.csv \(line 6\): image not found"):
+        ImageTextDataset(tiny_manifest)
+
+
+def test_skipped_image_logs_csv_line(tiny_manifest, caplog):
+    (tiny_manifest.parent / "images" / "pair0004.png").write_text("not an image")
+    dataset = ImageTextDataset(tiny_manifest, skip_bad_rows=True)
+
+    with caplog.at_level("WARNING", logger="msd_core.data"):
+        item = dataset[4]
+
+    assert item is None
+    assert "skipping row 4 of" in caplog.text
+    assert "manifest.csv (line 6)" in caplog.text
 
 
 @pytest.mark.parametrize("text", ["", "   \n\t"])
@@ -116,7 +137,7 @@ def test_truncated_image_raises_with_row(tiny_manifest):
     image.write_bytes(image.read_bytes()[:60])
     dataset = ImageTextDataset(tiny_manifest)
 
-    with pytest.raises(ImageReadError, match="row 4 of .*pair0004.png"):
+    with pytest.raises(ImageReadError, match=r"row 4 of .*manifest.csv \(line 6\): .*pair0004.png"):
         dataset[4]
 
 

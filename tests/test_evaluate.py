@@ -24,7 +24,9 @@ from msd_core.evaluate_cli import add_evaluate_arguments, run_evaluate
 from msd_core.metrics import multiclass_metrics, multilabel_auc
 from msd_core.model import build_model
 from msd_core.probe import stratified_subset
+from msd_core.report import ReportInputs, write_report
 from msd_core.train import load_model, train
+from msd_core.zeroshot import PROMPT_DIR
 
 TINY_PROMPTS = {
     "name": "tiny",
@@ -462,6 +464,26 @@ def test_summary_links_tables_and_figures(smoke_report):
     assert "## Linear probe" in summary
     assert "## Retrieval" in summary
     assert "(similarity.png)" in summary
+
+
+def summary_with_prompts(folder: Path, prompts: str) -> str:
+    """The summary of a report with no tables and no figures, only the run's settings."""
+    inputs = ReportInputs(checkpoint="run/checkpoint.pt", manifest="data/manifest.csv", split="test", test_pairs=8,
+                          probe_split=None, probe_pairs=0, prompts=prompts, models={"trained": "a checkpoint"})
+    return write_report(folder, {}, inputs).read_text(encoding="utf-8")
+
+
+def test_summary_names_packaged_prompts(tmp_path):
+    summary = summary_with_prompts(tmp_path, str(PROMPT_DIR / "phantomcxr.yaml"))
+
+    assert "- prompts: `phantomcxr`" in summary
+    assert str(PROMPT_DIR) not in summary
+
+
+def test_summary_keeps_prompt_path(tmp_path):
+    summary = summary_with_prompts(tmp_path, "prompts/tiny.yaml")
+
+    assert "- prompts: `prompts/tiny.yaml`" in summary
 
 
 @pytest.mark.filterwarnings("ignore::UserWarning")

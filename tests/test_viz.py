@@ -111,6 +111,17 @@ def test_confusion_accepts_dataframe():
     assert [label.get_text() for label in figure.axes[0].get_yticklabels()] == ["a", "b"]
 
 
+def test_confusion_title_names_task_and_model():
+    figure = viz.plot_confusion(np.eye(2, dtype=int), ["a", "b"], task="finding", model="trained")
+    assert figure.axes[0].get_title() == "confusion matrix, task finding (trained model)"
+
+
+def test_probe_title_names_task():
+    frame = pd.DataFrame({"fraction": [0.1, 1.0], "auc_mean": [0.6, 0.7], "auc_std": [0.05, 0.0]})
+    figure = viz.plot_probe(frame, task="labels")
+    assert figure.axes[0].get_title() == "linear probe, task labels"
+
+
 def test_probe_one_line_per_model():
     frame = pd.DataFrame({"fraction": [0.01, 0.1, 1.0], "auc_mean": [0.6, 0.7, 0.8], "auc_std": [0.05, 0.02, 0.0]})
     results = pd.concat([frame.assign(model="trained"), frame.assign(model="random", auc_mean=[0.5, 0.52, 0.55])])

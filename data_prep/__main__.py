@@ -12,6 +12,7 @@ import sys
 from typing import Callable, Dict, Optional, Sequence
 
 from data_prep import chexpert, common, covidx, folder_csv, iu_xray, mimic_cxr, rsna, siim
+from msd_core.cli import terminal_text
 from msd_core.manifest import ManifestError
 
 logger = logging.getLogger("data_prep")
@@ -231,9 +232,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     subparsers = parser.add_subparsers(dest="dataset", required=True, metavar="DATASET")
     for name, (module, add_options) in DATASETS.items():
-        summary = module.__doc__.strip().splitlines()[0]
+        description = terminal_text(module.__doc__)
+        summary = description.strip().splitlines()[0]
         sub = subparsers.add_parser(
-            name, help=summary, description=module.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+            name, help=summary, description=description, formatter_class=argparse.RawDescriptionHelpFormatter
         )
         sub.add_argument("--root", help="the dataset folder")
         sub.add_argument("--out", required=True, help="path of the manifest CSV to write")

@@ -37,8 +37,9 @@ MANUAL_DOWNLOADS = {
         "By hand: download https://openi.nlm.nih.gov/imgs/collections/NLMCXR_reports.tgz and "
         "https://openi.nlm.nih.gov/imgs/collections/NLMCXR_png.tgz , put NLMCXR_reports.tgz in {folder} "
         "and extract NLMCXR_png.tgz into {folder}/NLMCXR_png/. "
-        "The optional view-position table nlmcxr_dicom_metadata.csv.gz ships inside the torchxrayvision "
-        "package (torchxrayvision/data/ in its wheel); copy it into {folder}."
+        "The optional view-position table nlmcxr_dicom_metadata.csv.gz is in the torchxrayvision wheel "
+        "(torchxrayvision/data/); a wheel is a zip file, so extract the table with unzip and copy it into "
+        "{folder}, without pip-installing that package, which would replace your torch build."
     ),
     "mimic_cxr": (
         "MIMIC-CXR-JPG is credentialed: create a PhysioNet account, complete the required training, and sign "

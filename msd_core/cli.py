@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Any, Sequence
@@ -37,6 +38,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # The reader of the output went away (``info RUN | head``). Point stdout at
+        # /dev/null so that flushing it at exit does not raise again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
     except USER_ERRORS as error:
         if args.verbose:
             raise
@@ -46,7 +52,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     """Build the argument parser, one sub-command per task."""
-    parser = argparse.ArgumentParser(prog="python -m msd_core", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m msd_core", description=terminal_text(__doc__.split("\n\n")[0]))
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging and full tracebacks")
     commands = parser.add_subparsers(dest="command", required=True)
 
@@ -89,6 +95,11 @@ def build_parser() -> argparse.ArgumentParser:
         add_evaluate_arguments(evaluate)
         evaluate.set_defaults(handler=run_evaluate)
     return parser
+
+
+def terminal_text(docstring: str) -> str:
+    """Turn a docstring's reStructuredText literals (````code````) into single backticks for ``--help``."""
+    return docstring.replace("``", "`")
 
 
 def parse_overrides(pairs: Sequence[str]) -> dict[str, Any]:

@@ -13,7 +13,8 @@ from PIL import Image
 # Keep torch and tokenizers to one thread each: tests are small, and two cores are shared.
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+# The real-data folder: MSD_REAL_DATA when set, else shared/data beside the repository.
+SHARED_DATA = Path(os.environ.get("MSD_REAL_DATA") or Path(__file__).resolve().parents[1].parent / "shared" / "data")
 
 WORDS = ["heart", "enlarged", "effusion", "left", "right", "pneumothorax", "clear", "lungs", "nodule", "normal"]
 
@@ -22,7 +23,8 @@ def requires_shared_data(*parts: str) -> Path:
     """Return a path under the real-data folder, or skip the test with the reason when it is absent."""
     path = SHARED_DATA.joinpath(*parts)
     if not path.exists():
-        pytest.skip(f"real data not available: {path} is absent (it ships only beside this repository's CI)")
+        pytest.skip(f"real data not available: {path} is absent (set MSD_REAL_DATA to the real-data folder; "
+                    "the README's Tests section lists what it holds)")
     return path
 
 

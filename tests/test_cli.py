@@ -60,3 +60,23 @@ def test_missing_checkpoint_file_named(tmp_path):
 
     with pytest.raises(CheckpointError, match="checkpoint file not found: .*step-000030.pt"):
         find_checkpoint(tmp_path / "checkpoints" / "step-000030.pt")
+
+
+def test_help_shows_single_backticks():
+    result = subprocess.run([sys.executable, "-m", "data_prep", "iu_xray", "--help"], capture_output=True, text=True,
+                            timeout=60)
+
+    assert result.returncode == 0, result.stderr
+    assert "``" not in result.stdout
+
+
+def test_closed_output_pipe_no_traceback(tiny_manifest, tmp_path):
+    Trainer(smoke_config(tiny_manifest, tmp_path, max_steps=1), progress=False).fit()
+    process = subprocess.Popen([sys.executable, "-m", "msd_core", "info", str(tmp_path)], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, bufsize=0)
+
+    process.stdout.close()  # as `| head` does once it has read enough
+    _, stderr = process.communicate(timeout=60)
+
+    assert "Traceback" not in stderr.decode()
+    assert "BrokenPipeError" not in stderr.decode()

@@ -24,7 +24,7 @@ import logging
 import os
 import warnings
 from pathlib import Path
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import numpy as np
 import pandas as pd
@@ -44,7 +44,7 @@ from .zeroshot import (PromptSet, PromptTask, class_embeddings, load_prompts, ta
 __all__ = [
     "Embeddings", "embed", "cache_key", "load_prompts", "PromptSet", "PromptTask", "class_embeddings",
     "zero_shot", "zero_shot_predictions", "zero_shot_scores", "linear_probe", "retrieval",
-    "UndefinedMetricWarning", "random_baseline", "evaluate_checkpoint",
+    "UndefinedMetricWarning", "random_baseline", "evaluate_checkpoint", "stack_results",
 ]
 
 logger = logging.getLogger(__name__)
@@ -136,7 +136,7 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike, manifest: str | os.PathLi
                             tables, inputs)
 
     inputs.color_labels = _colour_labels(tasks, inputs.embeddings["trained"].frame)
-    results = {key: _combine(frames) for key, frames in tables.items()}
+    results = {key: stack_results(frames) for key, frames in tables.items()}
     write_report(out_dir, results, inputs, projection=projection)
     return results
 
@@ -254,11 +254,29 @@ def _colour_labels(tasks: list[PromptTask], frame: pd.DataFrame) -> list[str] | 
     return None
 
 
-def _combine(frames: list[pd.DataFrame]) -> pd.DataFrame:
+def stack_results(results: Mapping[str, pd.DataFrame] | Sequence[pd.DataFrame], key: str = "model") -> pd.DataFrame:
+    """Stack result tables into one, for example the same metric of several models.
+
+    ``pd.concat`` fails on these tables: it compares the frames' ``attrs``, and the
+    DataFrames kept there (a confusion matrix, the per-run probe table) cannot be
+    compared with ``==``. The stacked copies leave ``attrs`` behind; the inputs keep theirs.
+
+    Args:
+        results: tables by name (the name goes into a ``key`` column), or a sequence
+            of tables that contain such a column already.
+        key: the column that receives the names of a mapping.
+
+    Returns:
+        One table with a fresh index and the ``model`` and ``task`` columns first where present.
+    """
+    if isinstance(results, Mapping):
+        frames = [frame.assign(**{key: name}) for name, frame in results.items()]
+    else:
+        frames = [frame.copy() for frame in results]
     if not frames:
         return pd.DataFrame()
     for frame in frames:
-        frame.attrs = {}  # concat compares attrs, and DataFrames stored there cannot be compared with ==
+        frame.attrs = {}
     combined = pd.concat(frames, ignore_index=True)
-    leading = [column for column in ("model", "task") if column in combined.columns]
+    leading = [column for column in dict.fromkeys((key, "model", "task")) if column in combined.columns]
     return combined[leading + [column for column in combined.columns if column not in leading]]

@@ -19,7 +19,8 @@ from conftest import requires_shared_data, write_tiny_manifest
 from msd_core.config import get_preset
 from msd_core.data import ImageTextDataset
 from msd_core.evaluate import (Embeddings, UndefinedMetricWarning, embed, evaluate_checkpoint, linear_probe,
-                               load_prompts, retrieval, zero_shot, zero_shot_predictions, zero_shot_scores)
+                               load_prompts, retrieval, stack_results, zero_shot, zero_shot_predictions,
+                               zero_shot_scores)
 from msd_core.evaluate_cli import add_evaluate_arguments, run_evaluate
 from msd_core.metrics import multiclass_metrics, multilabel_auc
 from msd_core.model import build_model
@@ -281,6 +282,20 @@ def test_probe_same_seed_same_numbers():
     second = linear_probe(features, labels, test_features, test_labels, fractions=(0.01, 0.1), seeds=(0, 1))
     pd.testing.assert_frame_equal(first, second)
     pd.testing.assert_frame_equal(first.attrs["runs"], second.attrs["runs"])
+
+
+def test_stack_results_of_two_probes():
+    features, labels = probe_data()
+    test_features, test_labels = probe_data(seed=1)
+    pretrained = linear_probe(features, labels, test_features, test_labels, fractions=(0.1,), seeds=(0,))
+    random = linear_probe(features[:, ::-1].copy(), labels, test_features, test_labels, fractions=(0.1,), seeds=(0,))
+
+    stacked = stack_results({"pretrained": pretrained, "random": random})
+
+    assert stacked.columns[0] == "model"
+    assert stacked["model"].tolist() == ["pretrained", "random"]
+    assert stacked["auc_mean"].tolist() == [pretrained["auc_mean"].iloc[0], random["auc_mean"].iloc[0]]
+    assert "runs" in pretrained.attrs  # the inputs keep their per-run tables
 
 
 def test_probe_more_labels_not_worse():

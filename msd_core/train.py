@@ -720,7 +720,7 @@ def load_trainer(checkpoint: str | Path, *, device: str | torch.device | None = 
     trainer = Trainer(config, device=device, state=state, progress=progress)
     trainer.last_checkpoint = path
     # Logged after the Trainer exists, because it quiets INFO messages on ranks other than 0.
-    logger.info("loaded the training state of %s: step %d of %d", path, state["step"], config.max_steps)
+    logger.info("loaded the training state of %s: step %d of %d", path, state["step"], trainer.total_steps)
     return trainer
 
 

@@ -1,5 +1,6 @@
 """Command-line values and run folders: exponent numbers, hand-written configs, earlier runs."""
 
+import logging
 import subprocess
 import sys
 
@@ -8,7 +9,7 @@ import pytest
 from msd_core.checkpoint import CheckpointError, find_checkpoint
 from msd_core.cli import parse_overrides
 from msd_core.config import TrainConfig, get_preset
-from msd_core.train import Trainer
+from msd_core.train import Trainer, load_trainer
 
 
 def smoke_config(manifest, folder, **changes):
@@ -80,3 +81,14 @@ def test_closed_output_pipe_no_traceback(tiny_manifest, tmp_path):
 
     assert "Traceback" not in stderr.decode()
     assert "BrokenPipeError" not in stderr.decode()
+
+
+def test_load_logs_step_of_epoch_run(tiny_manifest, tmp_path, caplog):
+    # Runs sized by epochs have max_steps None; the message gives the steps the epochs make.
+    trainer = Trainer(smoke_config(tiny_manifest, tmp_path, max_steps=None, epochs=1), progress=False)
+    trainer.fit()
+
+    with caplog.at_level(logging.INFO, logger="msd_core.train"):
+        load_trainer(tmp_path, progress=False)
+
+    assert f"step {trainer.total_steps} of {trainer.total_steps}" in caplog.text

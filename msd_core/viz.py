@@ -225,7 +225,7 @@ def plot_similarity(image_emb, text_emb, labels: Sequence | None = None, *, max_
     ticks = [str(label) for label in labels[:count]] if labels is not None else [str(i) for i in range(count)]
     axis.set_xticks(range(count), ticks, rotation=90, fontsize="x-small")
     axis.set_yticks(range(count), ticks, fontsize="x-small")
-    axis.set(xlabel="report", ylabel="image", title=f"image-report similarity (first {count} pairs; pairs outlined)")
+    axis.set(xlabel="report", ylabel="image", title=f"image-report similarity, {count} pairs (each pair outlined)")
     return figure
 
 

@@ -102,7 +102,8 @@ def train_and_score(plan: ArmPlan, seed: int, args: argparse.Namespace, manifest
     from msd_core.train import Trainer
 
     run_dir = args.out / "runs" / f"{plan.name}-seed{seed}"
-    shutil.rmtree(run_dir, ignore_errors=True)  # a run kept by an earlier --keep-runs; training refuses to mix
+    # A run kept by an earlier --keep-runs would make the new Trainer raise, so it is deleted first.
+    shutil.rmtree(run_dir, ignore_errors=True)
     config = benchmark_config(
         args.preset, manifest=str(manifest), output_dir=str(run_dir), seed=seed, negatives=plan.negatives,
         alpha=plan.alpha, micro_batch_size=plan.micro_batch_size, accumulation_steps=plan.accumulation_steps,

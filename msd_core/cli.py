@@ -98,7 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def terminal_text(docstring: str) -> str:
-    """Turn a docstring's reStructuredText literals (````code````) into single backticks for ``--help``."""
+    """Replace the double backticks of reStructuredText literals with single ones, for ``--help``."""
     return docstring.replace("``", "`")
 
 

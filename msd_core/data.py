@@ -148,7 +148,7 @@ class ImageTextDataset(Dataset):
         return frame[np.array(keep, dtype=bool)] if len(keep) else frame
 
     def _row_location(self, row: int) -> str:
-        """Name data row ``row`` (0-based) as "row N of FILE (line L)" for messages."""
+        """Return where data row ``row`` (0-based) is, as "row N of FILE (line L)", for messages."""
         if self._row_lines is None:
             self._row_lines = _row_start_lines(self.manifest_path)
         # A row past the end means the file changed or could not be read again. Without

@@ -46,8 +46,7 @@ from .checkpoint import CheckpointError, list_checkpoints
 from .config import TrainConfig, get_preset
 from .manifest import read_manifest
 from .model import DualEncoder, build_model
-from .phantom import MANIFEST_NAME
-from .train import Trainer, load_trainer, prepare_manifest, train
+from .train import Trainer, load_trainer, prepare_manifest, run_manifest, train
 
 logger = logging.getLogger(__name__)
 
@@ -121,13 +120,6 @@ def notebook_config(mode: str | None = None, *, root: str | os.PathLike | None =
     base = Path(root) if root is not None else project_root()
     folder = base / RUN_FOLDER / mode / f"run-{settings_digest(config)}"
     return config.replace(output_dir=str(folder))
-
-
-def run_manifest(config: TrainConfig) -> Path:
-    """Return the manifest a run trains on: ``config.manifest``, or the PhantomCXR it generates in its folder."""
-    if config.manifest is not None:
-        return Path(config.manifest)
-    return Path(config.output_dir) / "phantomcxr" / MANIFEST_NAME
 
 
 def load_history(config: TrainConfig) -> pd.DataFrame:
@@ -440,7 +432,8 @@ def step_cost(config: TrainConfig, *, steps: int = 3, warmup: int = 1, device: s
 
     A ``Trainer`` is built from ``config`` in a temporary folder, so it writes no
     checkpoint or history into the run's folder. Like training, it generates PhantomCXR
-    in the run's folder when ``config.manifest`` is None and the data is missing. Then ``warmup + steps`` calls of ``Trainer.train_step`` run on the first micro-batches
+    in the run's folder when ``config.manifest`` is None and the data is missing. Then
+    ``warmup + steps`` calls of ``Trainer.train_step`` run on the first micro-batches
     of the train split, in order. Each call includes the teacher pass, the k student
     passes with their backward passes, the optimizer step and the EMA update.
 

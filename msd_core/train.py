@@ -46,6 +46,7 @@ from .distributed import init_distributed, rank_seed
 from .manifest import read_manifest
 from .model import DualEncoder, ModelSpec, build_model, freeze_text_layers
 from .momentum import FeatureQueue, MomentumTeacher
+from .phantom import MANIFEST_NAME, generate_phantom
 from .step import StepOutput, accumulate_gradients
 
 logger = logging.getLogger(__name__)
@@ -130,7 +131,7 @@ class Trainer:
         self.output_dir = Path(config.output_dir)
         self.checkpoint_dir = self.output_dir / "checkpoints"
         if state is None:
-            _refuse_earlier_run(self.checkpoint_dir)
+            _reject_earlier_run(self.checkpoint_dir)
         runtime.seed_everything(config.seed)
 
         self.manifest = self._prepare_manifest()
@@ -182,7 +183,7 @@ class Trainer:
     def _prepare_manifest(self) -> Path:
         if self.config.manifest is not None:
             return Path(self.config.manifest)
-        # Only rank 0 writes PhantomCXR; the other ranks wait for its path.
+        # Only rank 0 writes PhantomCXR, and the other ranks wait for its path.
         manifest = prepare_manifest(self.config, progress=self.progress) if self.distributed.is_main else None
         return self.distributed.broadcast_object(manifest)
 
@@ -325,8 +326,8 @@ class Trainer:
 
         stepped = finite and self._optimizer_step()
         with warnings.catch_warnings():
-            # The schedule follows the step count, so it advances when the fp16 scaler skips a
-            # step too; torch warns about that order on the first step, where a skip is common.
+            # The schedule follows the step count, so it advances when the fp16 scaler skips a step.
+            # Torch warns about that order when the first step is skipped, which is common under fp16.
             warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)` before")
             self.scheduler.step()
         if self.distributed.enabled:
@@ -613,23 +614,28 @@ class Trainer:
         figure.savefig(self.output_dir / "loss_curve.png", dpi=120, bbox_inches="tight")
 
 
-def prepare_manifest(config: TrainConfig, *, progress: bool = False) -> Path:
-    """Return the manifest a run trains on: ``config.manifest``, or PhantomCXR generated in its folder.
-
-    The PhantomCXR folder belongs to the run, so changed phantom settings regenerate it;
-    unchanged ones reuse it.
-    """
+def run_manifest(config: TrainConfig) -> Path:
+    """Return the manifest a run trains on: ``config.manifest``, or the PhantomCXR it generates in its folder."""
     if config.manifest is not None:
         return Path(config.manifest)
-    from .phantom import generate_phantom
-
-    return generate_phantom(Path(config.output_dir) / "phantomcxr", n_pairs=config.phantom_pairs,
-                            image_size=config.phantom_image_size, seed=config.seed, overwrite=True,
-                            progress=progress)
+    return Path(config.output_dir) / "phantomcxr" / MANIFEST_NAME
 
 
-def _refuse_earlier_run(checkpoint_dir: Path) -> None:
-    """Stop a new run from starting in a folder that contains another run's checkpoints.
+def prepare_manifest(config: TrainConfig, *, progress: bool = False) -> Path:
+    """Return ``run_manifest(config)``, generating PhantomCXR first when the run uses it.
+
+    The PhantomCXR folder belongs to the run, so changed phantom settings regenerate it,
+    and unchanged ones reuse it.
+    """
+    path = run_manifest(config)
+    if config.manifest is not None:
+        return path
+    return generate_phantom(path.parent, n_pairs=config.phantom_pairs, image_size=config.phantom_image_size,
+                            seed=config.seed, overwrite=True, progress=progress)
+
+
+def _reject_earlier_run(checkpoint_dir: Path) -> None:
+    """Raise ``FileExistsError`` when a new run would start in a folder that contains another run's checkpoints.
 
     The two runs would mix: the rotation keeps the highest step numbers, so it would
     delete the new run's early checkpoints and keep the old run's later ones.

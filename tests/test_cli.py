@@ -36,7 +36,7 @@ def test_hand_written_yaml_exponent_lr(tmp_path):
     assert config.weight_decay == 0.05
 
 
-def test_new_run_refuses_earlier_checkpoints(tiny_manifest, tmp_path):
+def test_new_run_rejects_earlier_checkpoints(tiny_manifest, tmp_path):
     Trainer(smoke_config(tiny_manifest, tmp_path, max_steps=2), progress=False).fit()
 
     with pytest.raises(FileExistsError, match=r"earlier run \(newest: step-000002.pt\).*--resume"):
@@ -84,7 +84,7 @@ def test_closed_output_pipe_no_traceback(tiny_manifest, tmp_path):
 
 
 def test_load_logs_step_of_epoch_run(tiny_manifest, tmp_path, caplog):
-    # Runs sized by epochs have max_steps None; the message gives the steps the epochs make.
+    # Runs sized by epochs have max_steps None, so the message gives the steps the epochs make.
     trainer = Trainer(smoke_config(tiny_manifest, tmp_path, max_steps=None, epochs=1), progress=False)
     trainer.fit()
 
